@@ -13,15 +13,21 @@ ensure_venv() {
     echo "[cdvm] creating virtual environment in $VENV"
     "$PY" -m venv "$VENV"
   fi
-  local stamp="$VENV/.cdvm-installed" want
-  want="$(cd "$REPO_ROOT" && cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)"
-  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[cdvm] installing ${reqs[*]} (first run takes a few minutes)"
+  # one stamp per requirements file: its hash at the last successful install
+  local todo=() r stamp
+  for r in "${reqs[@]}"; do
+    stamp="$VENV/.cdvm-installed-$(basename "$r")"
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$(sha256sum < "$REPO_ROOT/$r")" ]; then
+      todo+=("$r")
+    fi
+  done
+  if [ ${#todo[@]} -gt 0 ]; then
+    echo "[cdvm] installing ${todo[*]} into $VENV (first run takes a few minutes)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
     local args=()
-    for r in "${reqs[@]}"; do args+=(-r "$REPO_ROOT/$r"); done
+    for r in "${todo[@]}"; do args+=(-r "$REPO_ROOT/$r"); done
     "$VENV/bin/python" -m pip install -q "${args[@]}"
-    echo "$want" > "$stamp"
+    for r in "${todo[@]}"; do sha256sum < "$REPO_ROOT/$r" > "$VENV/.cdvm-installed-$(basename "$r")"; done
   fi
   export PATH="$VENV/bin:$PATH"
   export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
