@@ -1,0 +1,1 @@
+"""Speed and memory measurements; each script prints one JSON object."""
