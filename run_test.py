@@ -49,8 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (falls back to cpu without CUDA)")
     p.add_argument("--no_amp", action="store_true", help="run the ViT forwards in float32 (default bf16 autocast)")
-    p.add_argument("--tokenizer_bf16", action="store_true",
-                   help="run the tokenizer under bf16 autocast (default float32: exact targets)")
+    p.add_argument("--tokenizer_amp", choices=("auto", "bf16", "off"), default="auto",
+                   help="tokenizer precision; auto = the precision the checkpoint was trained with "
+                        "(its config's tokenizer_amp_resolved) on CPU, float32 on CUDA")
     p.add_argument("--vis", action="store_true", help="write per-class PNG panels and ROC curves")
     p.add_argument("--max_vis_images", type=int, default=16)
     p.add_argument("--save_path", default="results", help="output folder for results.json/.csv/.md")

@@ -501,6 +501,14 @@ def run_evaluation(model, tokenizer, prior, prototypes: dict, train_stats: dict,
 
 
 # --------------------------------------------------------------------------- entry point (run_test.py)
+def resolve_tokenizer_amp(mode: str, ckpt_cfg: dict, device: torch.device) -> bool:
+    """Score with the token targets the model was trained on: ``auto`` follows the checkpoint's
+    resolved training precision (bf16 dVAE on CPU by default) on CPU and uses float32 on CUDA."""
+    if mode != "auto":
+        return mode == "bf16"
+    return device.type == "cpu" and ckpt_cfg.get("tokenizer_amp_resolved") == "bf16"
+
+
 def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         print(f"[cdvm] --device {name} requested but CUDA is not available: using cpu", flush=True)
@@ -566,7 +574,7 @@ def evaluate_checkpoint(args) -> dict:
     cfg = ScoringConfig(protocol=args.protocol, mask_ratio=args.mask_ratio, sweep_ratios=args.sweep_ratios,
                         batch_size=args.batch_size, authors_double_smoothing=args.authors_double_smoothing,
                         seed=args.seed, amp=not getattr(args, "no_amp", False),
-                        tokenizer_amp=bool(getattr(args, "tokenizer_bf16", False)))
+                        tokenizer_amp=resolve_tokenizer_amp(getattr(args, "tokenizer_amp", "auto"), ckpt_cfg, device))
 
     def bar(cls, total):
         return tqdm(total=total, desc=f"{cls} [{cfg.protocol}]", unit="step", dynamic_ncols=True)

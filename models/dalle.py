@@ -68,6 +68,8 @@ class Conv2d(nn.Module):
         if self.use_float16 and self.low_precision is not None and x.is_cuda:
             dt = getattr(torch, self.low_precision)
             x, w, b = x.to(dt), self.w.to(dt), self.b.to(dt)
+        elif torch.is_autocast_enabled(x.device.type):
+            w, b = self.w, self.b  # autocast picks the dtype; a .float() here would round-trip bf16 → fp32 → bf16
         else:
             x, w, b = x.float(), self.w, self.b
         return F.conv2d(x, w, b, padding=(self.kw - 1) // 2)
