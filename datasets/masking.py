@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "FrequencyWeightCache",
     "STRATEGY_NAMES",
     "GuidedMaskSampler",
     "MaskBatch",
@@ -305,6 +306,31 @@ def random_masks(batch: int, grid: int, ratio: float, generator: torch.Generator
     keys = torch.rand(batch, grid * grid, generator=generator)
     k = torch.full((batch,), mask_count(grid, ratio), dtype=torch.long)
     return _topk_mask(keys, k)
+
+
+class FrequencyWeightCache:
+    """Per-image frequency weights, computed once per image and reused every epoch.
+
+    Training images are resized and centre-cropped without random augmentation, so an
+    image's FFT energy never changes; on a CPU the FFT is most of the cost of drawing
+    masks. Keyed by image path; clear it (or don't use it) if random augmentation is added.
+    """
+
+    def __init__(self, sampler: "GuidedMaskSampler"):
+        self.sampler = sampler
+        self._store: dict[str, dict[int, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def get(self, keys: Sequence[str], images01: Tensor) -> dict[int, Tensor]:
+        """``{patch: B×N}`` for the images named ``keys`` (computing only the unseen ones)."""
+        missing = [i for i, k in enumerate(keys) if k not in self._store]
+        if missing:
+            new = self.sampler.frequency_weights(images01[missing])
+            for j, i in enumerate(missing):
+                self._store[keys[i]] = {p: w[j].clone() for p, w in new.items()}
+        return {p: torch.stack([self._store[k][p] for k in keys]) for p in self.sampler.grid_sizes}
 
 
 class GuidedMaskSampler:

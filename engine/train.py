@@ -205,7 +205,7 @@ class _SkipBatchesSampler(torch.utils.data.Sampler):
 def train_one_epoch(model, data_loader, tokenizer, mask_sampler, optimizer, lr_schedule, wd_schedule,
                     epoch: int, args, *, state: TrainState, device: torch.device, scaler=None,
                     writer=None, save_fn: Callable[[], None] | None = None,
-                    on_step: Callable[[int, dict], None] | None = None) -> dict:
+                    on_step: Callable[[int, dict], None] | None = None, freq_cache=None) -> dict:
     """Train over ``data_loader`` (already positioned after ``state.epoch_step`` batches).
 
     Per batch: masks from the guided sampler (CPU) → tokens (no grad) → forward under
@@ -239,7 +239,8 @@ def train_one_epoch(model, data_loader, tokenizer, mask_sampler, optimizer, lr_s
         class_index = batch["class_index"]
         # Masks are drawn on CPU by the sampler's own generator; only the frequency weights' FFT
         # runs where the images are (GPU when training there).
-        mb = mask_sampler.sample(images01, batch.get("fg_mask"), class_index, epoch)
+        freq = freq_cache.get(batch["path"], images01) if freq_cache is not None else None
+        mb = mask_sampler.sample(images01, batch.get("fg_mask"), class_index, epoch, freq_weights=freq)
         masks = {p: mb[p].mask.to(device, non_blocking=True) for p in patch_sizes}
         rweights = {p: mb[p].rank_weight.to(device, non_blocking=True) for p in patch_sizes}
         tokens = compute_tokens(tokenizer, images01, patch_sizes, tok_amp)
@@ -399,12 +400,13 @@ def fit_kmeans_for_run(args, dataset, path):
     """Fit the k-means stand-in tokenizer on the run's training images and save it at ``path``."""
     from torch.utils.data import DataLoader
 
+    from datasets.transforms import token_images
     from models.kmeans_tokenizer import fit_kmeans_tokenizer
 
     loader = DataLoader(dataset, batch_size=32, shuffle=False, num_workers=args.num_workers)
     kw = {"max_patches": args.kmeans_max_patches} if getattr(args, "kmeans_max_patches", None) else {}
     tok = fit_kmeans_tokenizer(loader, vocab_size=args.tokenizer_vocab, patch_sizes=PATCH_SIZES,
-                               input_size=args.input_size, seed=args.seed, **kw)
+                               input_size=args.input_size, seed=args.seed, token_images_fn=token_images, **kw)
     tok.save(path, run_info=run_info(to_jsonable(dict(vars(args))), role="kmeans_tokenizer_fit"))
     _log(f"[train] saved the k-means stand-in tokenizer to {path}")
     return tok
@@ -463,7 +465,7 @@ def run(args, *, model=None, tokenizer=None, on_step: Callable[[int, dict], None
     from torch.utils.data import DataLoader, DistributedSampler
 
     from datasets.imagefolder import TrainImageFolder
-    from datasets.masking import GuidedMaskSampler
+    from datasets.masking import FrequencyWeightCache, GuidedMaskSampler
     from datasets.mvtec import AUTHORS_MASK_RATIOS, load_class_groups, resolve_classes
 
     dinfo = dist_utils.init_distributed(args.device)
@@ -520,6 +522,7 @@ def run(args, *, model=None, tokenizer=None, on_step: Callable[[int, dict], None
     mask_sampler = GuidedMaskSampler({p: args.input_size // p for p in patch_sizes}, len(dataset.classes), ratios,
                                      input_size=args.input_size, dynamic_masking_epoch=args.dynamic_masking_epoch,
                                      freq_fft=args.freq_fft, seed=args.seed + rank)
+    freq_cache = FrequencyWeightCache(mask_sampler)  # training images are not augmented
 
     optimizer = build_optimizer(net, lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" else None
@@ -603,7 +606,8 @@ def run(args, *, model=None, tokenizer=None, on_step: Callable[[int, dict], None
                                 persistent_workers=False)
             stats = train_one_epoch(model, loader, tokenizer, mask_sampler, optimizer, lr_schedule, wd_schedule,
                                     epoch, args, state=state, device=device, scaler=scaler, writer=writer,
-                                    save_fn=lambda: save("checkpoint-last.pth"), on_step=on_step)
+                                    save_fn=lambda: save("checkpoint-last.pth"), on_step=on_step,
+                                    freq_cache=freq_cache)
             finished = state.epoch_step >= niter_per_ep
             if finished:
                 state.epoch, state.epoch_step = epoch + 1, 0

@@ -194,21 +194,21 @@ def fit_kmeans_tokenizer(
     batch_size: int = 4096,
     max_iter: int = 50,
     n_init: int = 3,
-    token_images_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    *,
+    token_images_fn: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> KMeansTokenizer:
     """Fit the stand-in tokenizer on 8×8 patches of every branch's token images.
 
     ``images``: an iterable/DataLoader of [0,1] images (see :func:`_batches`) at
     ``input_size``. Each image is turned into the token image of every patch size in
-    ``patch_sizes`` (``datasets.transforms.token_images`` unless ``token_images_fn`` is
-    given), so one codebook serves both branches. At most ``max_patches`` patches are
+    ``patch_sizes`` by ``token_images_fn`` (the caller passes
+    ``datasets.transforms.token_images``, where the size rule lives; ``models`` does not
+    import ``datasets``), so one codebook serves both branches. At most ``max_patches`` patches are
     kept, a uniform sample drawn with ``seed`` (streaming: lowest random keys win);
     the result is deterministic for a given seed and input order.
     """
     from sklearn.cluster import MiniBatchKMeans
 
-    if token_images_fn is None:  # the one rule for token-image sizes lives in datasets
-        from datasets.transforms import token_images as token_images_fn
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
     gen = torch.Generator().manual_seed(seed)

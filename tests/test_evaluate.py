@@ -307,8 +307,10 @@ def trained_files(setup, synthetic_train, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("evalrun")
     ds = TrainImageFolder(synthetic_train, setup["classes"], input_size=SIZE, use_fg_mask=False)
+    from datasets.transforms import token_images
+
     tok = fit_kmeans_tokenizer([ds[i]["image"] for i in range(len(ds))], vocab_size=VOCAB, input_size=SIZE,
-                               n_init=1, max_iter=20)
+                               n_init=1, max_iter=20, token_images_fn=token_images)
     tok_path = out / "kmeans_tokenizer.pt"
     tok.save(tok_path)
     cfg = {"model": "vit_tiny_patch16_224_8k_vocab_dual", "input_size": SIZE, "vocab_size": VOCAB,

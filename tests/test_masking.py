@@ -563,3 +563,22 @@ def test_rank_weight_ties_are_broken_randomly_not_by_position():
     # without a generator the documented positional tie-break applies
     rw_pos = rank_weights(mask[:1], torch.ones(1, 16))
     assert rw_pos[0, 0] == 1.0 and rw_pos[0, -1] == 4.0
+
+
+def test_frequency_weight_cache_matches_direct_computation_and_computes_once(monkeypatch):
+    from datasets.masking import FrequencyWeightCache, GuidedMaskSampler
+
+    sampler = GuidedMaskSampler({16: 4, 32: 2}, num_classes=1, mask_ratios=0.3, input_size=64, seed=0)
+    images = torch.rand(3, 3, 64, 64)
+    cache = FrequencyWeightCache(sampler)
+    first = cache.get(["a", "b", "c"], images)
+    direct = sampler.frequency_weights(images)
+    for p in (16, 32):
+        assert torch.allclose(first[p], direct[p])
+    calls = []
+    orig = sampler.frequency_weights
+    monkeypatch.setattr(sampler, "frequency_weights", lambda x: calls.append(len(x)) or orig(x))
+    again = cache.get(["c", "a"], images[[2, 0]])
+    assert calls == [] and torch.equal(again[16], first[16][[2, 0]])
+    cache.get(["a", "d"], torch.rand(2, 3, 64, 64))
+    assert calls == [1] and len(cache) == 4

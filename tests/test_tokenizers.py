@@ -333,15 +333,17 @@ def test_kmeans_fit_is_deterministic_and_seed_dependent(kmeans_tok):
     assert not torch.equal(other.codebook, kmeans_tok.codebook)
 
 
-def test_kmeans_fit_accepts_dataset_dicts_and_default_token_images():
+def test_kmeans_fit_accepts_dataset_dicts_and_the_project_token_images():
+    from datasets.transforms import token_images
+
     batches = [{"image": x, "class_name": "a"} for x in _images(n=4)]
     tok = fit_kmeans_tokenizer(
-        batches, vocab_size=8, input_size=64, seed=0, n_init=1, max_iter=5
+        batches, vocab_size=8, input_size=64, seed=0, n_init=1, max_iter=5, token_images_fn=token_images
     )
     # 64 px input → 32 px (patch 16) and 16 px (patch 32) token images: 4×4 + 2×2 patches each
     assert tok.info["n_patches_seen"] == 4 * (16 + 4)
     with pytest.raises(ValueError, match="3×64×64"):
-        fit_kmeans_tokenizer([torch.rand(1, 3, 32, 32)], vocab_size=8, input_size=64)
+        fit_kmeans_tokenizer([torch.rand(1, 3, 32, 32)], vocab_size=8, input_size=64, token_images_fn=_stretch)
     with pytest.raises(ValueError, match="smaller vocab_size"):
         fit_kmeans_tokenizer(
             _images(n=2), vocab_size=512, input_size=64, token_images_fn=_stretch
