@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "FrequencyWeightCache",
     "STRATEGY_NAMES",
+    "FrequencyWeightCache",
     "GuidedMaskSampler",
     "MaskBatch",
     "describe_strategy",
@@ -316,7 +316,7 @@ class FrequencyWeightCache:
     masks. Keyed by image path; clear it (or don't use it) if random augmentation is added.
     """
 
-    def __init__(self, sampler: "GuidedMaskSampler"):
+    def __init__(self, sampler: GuidedMaskSampler):
         self.sampler = sampler
         self._store: dict[str, dict[int, Tensor]] = {}
 
