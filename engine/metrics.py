@@ -42,7 +42,7 @@ PRO_STRUCTURE = np.ones((3, 3), dtype=int)
 DEFAULT_FPR_LIMIT = 0.3
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     """Accept numpy arrays, lists or torch tensors (any device, bf16/fp16 upcast to fp32)."""
     if hasattr(x, "detach"):  # torch tensor, without importing torch here
         x = x.detach().cpu()
@@ -52,9 +52,9 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _as_stack(x: Any, name: str) -> np.ndarray:
+def as_map_stack(x: Any, name: str) -> np.ndarray:
     """N×H×W view of maps/masks given as N×H×W or N×1×H×W."""
-    a = _to_numpy(x)
+    a = to_numpy(x)
     if a.ndim == 4 and a.shape[1] == 1:
         a = a[:, 0]
     if a.ndim != 3:
@@ -63,7 +63,7 @@ def _as_stack(x: Any, name: str) -> np.ndarray:
 
 
 def _as_scores(x: Any, name: str) -> np.ndarray:
-    a = _to_numpy(x)
+    a = to_numpy(x)
     if not np.issubdtype(a.dtype, np.floating):
         a = a.astype(np.float64)
     if not np.isfinite(a).all():
@@ -72,7 +72,7 @@ def _as_scores(x: Any, name: str) -> np.ndarray:
 
 
 def _as_labels(x: Any, n: int) -> np.ndarray:
-    a = _to_numpy(x).reshape(-1)
+    a = to_numpy(x).reshape(-1)
     if a.shape[0] != n:
         raise ValueError(f"labels: expected {n} values (one per score), got {a.shape[0]}")
     if not np.isin(a, (0, 1)).all():
@@ -82,7 +82,7 @@ def _as_labels(x: Any, n: int) -> np.ndarray:
 
 def binarize_masks(masks: Any) -> np.ndarray:
     """Ground-truth masks as bool N×H×W (``> 0.5``, DESIGN.md §2)."""
-    m = _as_stack(masks, "ground-truth masks")
+    m = as_map_stack(masks, "ground-truth masks")
     return m if m.dtype == bool else m > 0.5
 
 
@@ -174,7 +174,7 @@ def pixel_curves(maps: Any, masks: Any, with_pro: bool = True, num_thresholds: i
     Memory: one sorted copy of the normal pixels, plus a few arrays the size of the
     defect pixels; no float64 or int64 copy of the whole pixel set.
     """
-    a = _as_scores(_as_stack(maps, "anomaly maps"), "anomaly maps")
+    a = _as_scores(as_map_stack(maps, "anomaly maps"), "anomaly maps")
     gt = binarize_masks(masks)
     if a.shape != gt.shape:
         raise ValueError(f"anomaly maps {tuple(a.shape)} and ground-truth masks {tuple(gt.shape)} differ in shape")
@@ -315,7 +315,7 @@ def compute_pixel_metrics(maps: Any, masks: Any, fpr_limit: float = DEFAULT_FPR_
 
 def compute_all(scores: Any, labels: Any, maps: Any, masks: Any, fpr_limit: float = DEFAULT_FPR_LIMIT) -> dict[str, float]:
     """All six metrics, keys in ``METRIC_KEYS`` order."""
-    n_scores, n_maps = len(_to_numpy(scores).reshape(-1)), _as_stack(maps, "anomaly maps").shape[0]
+    n_scores, n_maps = len(to_numpy(scores).reshape(-1)), as_map_stack(maps, "anomaly maps").shape[0]
     if n_scores != n_maps:
         raise ValueError(f"{n_scores} image scores but {n_maps} anomaly maps")
     out = {**compute_image_metrics(scores, labels), **compute_pixel_metrics(maps, masks, fpr_limit)}

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.metrics import METRIC_KEYS
+from engine.metrics import METRIC_KEYS, as_map_stack, to_numpy
 from engine.runinfo import atomic_write_bytes, to_jsonable, write_json
 
 PROTOCOLS = ("strict", "paper")
@@ -179,32 +179,15 @@ def write_results(save_path: str | Path, results: Mapping[str, Mapping[str, Any]
 
 
 # ----------------------------------------------------------------------------- figures
-def _np(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        x = x.float() if x.is_floating_point() else x
-        x = x.numpy()
-    return np.asarray(x)
-
-
-def _stack(x: Any, name: str) -> np.ndarray:
-    a = _np(x)
-    if a.ndim == 4 and a.shape[1] == 1:
-        a = a[:, 0]
-    if a.ndim != 3:
-        raise ValueError(f"{name}: expected N×H×W or N×1×H×W, got {tuple(a.shape)}")
-    return a
-
-
 def _to_image_res(mask: Any, n: int, size: tuple[int, int], name: str) -> np.ndarray:
     """Proposal masks at image resolution; patch-grid masks (N×g×g or N×g²) are upsampled nearest."""
-    m = _np(mask)
+    m = to_numpy(mask)
     if m.ndim == 2 and m.shape[0] == n and m.shape[1] != size[1]:
         g = math.isqrt(m.shape[1])
         if g * g != m.shape[1]:
             raise ValueError(f"{name}: flattened masks of length {m.shape[1]} are not a square grid")
         m = m.reshape(n, g, g)
-    m = _stack(m, name).astype(np.float32)
+    m = as_map_stack(m, name).astype(np.float32)
     if m.shape[0] != n:
         raise ValueError(f"{name}: {m.shape[0]} masks for {n} images")
     h, w = m.shape[1:]
@@ -249,14 +232,14 @@ def save_panels(save_path: str | Path, class_name: str, images01: Any, gt_masks:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    imgs = _np(images01).astype(np.float32)
+    imgs = to_numpy(images01).astype(np.float32)
     if imgs.ndim != 4 or imgs.shape[1] not in (1, 3):
         raise ValueError(f"images01: expected N×3×H×W (or N×1×H×W), got {tuple(imgs.shape)}")
     n, size = imgs.shape[0], tuple(imgs.shape[2:])
-    gts = _stack(gt_masks, "gt_masks") > 0.5
-    maps = _stack(anomaly_maps, "anomaly_maps").astype(np.float32)
-    scores = _np(scores).reshape(-1)
-    labels = _np(labels).reshape(-1)
+    gts = as_map_stack(gt_masks, "gt_masks") > 0.5
+    maps = as_map_stack(anomaly_maps, "anomaly_maps").astype(np.float32)
+    scores = to_numpy(scores).reshape(-1)
+    labels = to_numpy(labels).reshape(-1)
     for name, arr in (("gt_masks", gts), ("anomaly_maps", maps)):
         if arr.shape != (n, *size):
             raise ValueError(f"{name}: shape {arr.shape} does not match images {(n, *size)}")
@@ -324,14 +307,14 @@ def save_roc_curves(save_path: str | Path, per_class: Mapping[str, Any], *, prot
     axes = fig.subplots(1, 2 if with_pixels else 1, squeeze=False)[0]
     rng = np.random.default_rng(seed)
     for name, (scores, labels, maps, masks) in items.items():
-        s, y = _np(scores).reshape(-1), _np(labels).reshape(-1) != 0
+        s, y = to_numpy(scores).reshape(-1), to_numpy(labels).reshape(-1) != 0
         if y.all() or not y.any():
             axes[0].plot([], [], label=f"{name} (n/a: one class)")
         else:
             fpr, tpr, _ = roc_curve(y, s)
             axes[0].plot(fpr, tpr, lw=1, label=f"{name} ({100 * roc_auc_score(y, s):.1f})")
         if with_pixels and maps is not None and masks is not None:
-            ps, py = _stack(maps, "maps").reshape(-1), _stack(masks, "masks").reshape(-1) > 0.5
+            ps, py = as_map_stack(maps, "maps").reshape(-1), as_map_stack(masks, "masks").reshape(-1) > 0.5
             if ps.size > max_pixels_per_class:
                 take = rng.integers(0, ps.size, max_pixels_per_class)
                 ps, py = ps[take], py[take]
