@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.weight_io import load_weights_file
+
 FORMAT = "cdvm-kmeans-tokenizer"
 FORMAT_VERSION = 1
 PATCH = 8
@@ -131,17 +133,8 @@ class KMeansTokenizer(nn.Module):
     def load(cls, path: str | os.PathLike, **kw: Any) -> KMeansTokenizer:
         """Read a file written by :meth:`save`; clear errors for missing/corrupt/foreign files."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"k-means tokenizer file not found: {path} (fit one with "
-                "models.kmeans_tokenizer.fit_kmeans_tokenizer(...) and .save(path))"
-            )
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(
-                f"{path}: not a readable torch file ({type(e).__name__}: {e})"
-            ) from None
+        obj = load_weights_file(path, "k-means tokenizer file",
+                                "fit one with: python run_pretraining.py kmeans_tokenizer ...")
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise ValueError(
                 f"{path}: not a CDVM k-means tokenizer file (no format={FORMAT!r} marker)"

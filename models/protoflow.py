@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.weight_io import load_weights_file
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "tf_efficientnet_b6"
@@ -178,14 +180,7 @@ def load_backbone_weights(extractor: nn.Module, path: str | os.PathLike) -> None
     extractor must receive a value, otherwise part of the backbone would stay random.
     """
     path = resolve_weights_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weight file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated / not a torch file / unsafe pickle
-        raise ValueError(
-            f"{path}: cannot read backbone weights ({type(e).__name__}: {e})"
-        ) from e
+    obj = load_weights_file(path, "backbone weight file", "see weights/README.md")
     sd = _unwrap_state_dict(obj, path)
     if is_lukemelas_efficientnet(sd):
         sd = convert_lukemelas_efficientnet(sd, extractor, source=str(path))
@@ -597,17 +592,7 @@ class ProtoFlow(nn.Module):
     ) -> ProtoFlow:
         """Load a weight file (ours or the authors'), strictly; errors name the file."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"ProtoFlow weight file not found: {path} (train one with: {COMMAND_HINT})"
-            )
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(
-                f"{path}: cannot read ProtoFlow weights — truncated or not a torch file? "
-                f"({type(e).__name__}: {e})"
-            ) from e
+        sd = load_weights_file(path, "ProtoFlow weight file", f"train one with: {COMMAND_HINT}")
         model = cls.from_published(sd, source=str(path), backbone=backbone, bf16=bf16)
         model.run_info = sd.get("run_info")
         return model.to(device)

@@ -39,6 +39,8 @@ from timm.layers import (
 from timm.models.beit import Block, RelativePositionBias
 from torch import nn
 
+from models.weight_io import load_weights_file
+
 __all__ = [
     "LoadReport",
     "MIMVisionTransformer",
@@ -423,16 +425,8 @@ def load_state_dict_checked(
 
 def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"BEiT checkpoint not found: {path} (download beit_base_patch16_224_pt22k.pth; see weights/README.md)"
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"{path}: cannot read as a torch checkpoint (weights_only=True): {e}"
-        ) from e
+    obj = load_weights_file(path, "BEiT checkpoint",
+                            "download beit_base_patch16_224_pt22k.pth; see weights/README.md")
     for wrapper in ("model", "module", "state_dict"):
         if (
             isinstance(obj, Mapping)

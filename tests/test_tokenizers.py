@@ -351,7 +351,7 @@ def test_kmeans_fit_accepts_dataset_dicts_and_the_project_token_images():
 
 
 def test_kmeans_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="fit_kmeans_tokenizer"):
+    with pytest.raises(FileNotFoundError, match="run_pretraining.py kmeans_tokenizer"):
         KMeansTokenizer.load(tmp_path / "none.pt")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00garbage")
