@@ -13,40 +13,19 @@
 #   PROTOTYPE_DIR (default weights/prototypes)  MASK_RATIO (strict, default 0.3)  DEVICE (default cuda)
 #   DIRECTIONS          which to run: "tex2obj obj2tex" (default), or one of them
 # Assumes the project's Python environment is active (or `python` is the venv's).
-set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-DATA_PATH="${DATA_PATH:-data/mvtec_anomaly_detection}"
-PROTOCOL="${PROTOCOL:-strict}"
+source "$(dirname "${BASH_SOURCE[0]}")/_score.sh"
 SAVE_PATH="${SAVE_PATH:-results/cross_class_${PROTOCOL}}"
-PROTOTYPE_DIR="${PROTOTYPE_DIR:-weights/prototypes}"
-MASK_RATIO="${MASK_RATIO:-0.3}"
-DEVICE="${DEVICE:-cuda}"
 DIRECTIONS="${DIRECTIONS:-tex2obj obj2tex}"
-
-newest_checkpoint() {  # $1 = training output dir; prints checkpoint-last.pth or the newest checkpoint-*.pth
-  local dir="$1"
-  if [ -f "$dir/checkpoint-last.pth" ]; then echo "$dir/checkpoint-last.pth"; return; fi
-  local f
-  f="$(ls -t "$dir"/checkpoint-*.pth 2>/dev/null | head -n 1 || true)"
-  echo "${f:-$dir/checkpoint-last.pth}"
-}
 
 for dir in $DIRECTIONS; do
   case "$dir" in
     tex2obj)
-      SETTING=texture_to_obj; FLAG=()
-      MODEL_PATH="${MODEL_PATH_TEX2OBJ:-$(newest_checkpoint output/pretrain_texture_to_obj)}"
-      FLOW="${PROTOFLOW_TEX2OBJ:-weights/protoflow/texture_to_obj.pth}" ;;
+      score texture_to_obj "${MODEL_PATH_TEX2OBJ:-$(newest_checkpoint output/pretrain_texture_to_obj)}" \
+        "${PROTOFLOW_TEX2OBJ:-weights/protoflow/texture_to_obj.pth}" "$SAVE_PATH/texture_to_obj" "$@" ;;
     obj2tex)
-      SETTING=obj_to_texture; FLAG=(--from_obj_to_texture)
-      MODEL_PATH="${MODEL_PATH_OBJ2TEX:-$(newest_checkpoint output/pretrain_obj_to_texture)}"
-      FLOW="${PROTOFLOW_OBJ2TEX:-weights/protoflow/obj_to_texture.pth}" ;;
+      score obj_to_texture "${MODEL_PATH_OBJ2TEX:-$(newest_checkpoint output/pretrain_obj_to_texture)}" \
+        "${PROTOFLOW_OBJ2TEX:-weights/protoflow/obj_to_texture.pth}" "$SAVE_PATH/obj_to_texture" \
+        --from_obj_to_texture "$@" ;;
     *) echo "unknown direction '$dir' in DIRECTIONS (use tex2obj and/or obj2tex)" >&2; exit 2 ;;
   esac
-  echo "[cdvm] $SETTING: $MODEL_PATH ($PROTOCOL protocol)"
-  python run_test.py --data_path "$DATA_PATH" --model_path "$MODEL_PATH" --setting "$SETTING" "${FLAG[@]}" \
-    --class_name all --protocol "$PROTOCOL" --mask_ratio "$MASK_RATIO" \
-    --protoflow_path "$FLOW" --prototype_dir "$PROTOTYPE_DIR" --device "$DEVICE" \
-    --save_path "$SAVE_PATH/$SETTING" "$@"
 done

@@ -286,3 +286,31 @@ def test_dalle_tokens_through_the_training_path_match_the_reference():
     # patch size 8 makes the token image the input itself (input_size * 8 / 8)
     got = compute_tokens(tok, io["raw_112"], patch_sizes=(8,))[8]
     assert torch.equal(got, io["tokens_112"].flatten(1))
+
+
+@pytest.mark.parametrize("script,env,setting", [
+    ("train_multi_class.sh", {}, "multi_class"),
+    ("train_cross_class.sh", {"FROM_OBJ_TO_TEXTURE": "1"}, "obj_to_texture"),
+    ("train_cross_class.sh", {}, "texture_to_obj"),
+])
+def test_training_scripts_pass_the_setting_and_overrides(synthetic_train, tmp_path, script, env, setting):
+    """The shell entry points: authors' hyper-parameters, setting switch, env overrides, extra args."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    run_env = {**os.environ, **env, "INIT_CKPT": "", "DATA_PATH": str(synthetic_train), "OUTPUT_DIR": str(out),
+               "BATCH_SIZE": "4", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(repo / "scripts" / script), "--tokenizer", "kmeans",
+                        "--tokenizer_weight_path", str(tmp_path / "km.pt"), "--tokenizer_vocab", "16",
+                        "--input_size", "64", "--embed_dim", "32", "--depth", "1", "--num_heads", "2",
+                        "--max_steps", "1", "--device", "cpu", "--num_workers", "0", "--no_progress",
+                        "--no_tensorboard"], env=run_env, capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["setting"] == setting
+    assert cfg["lr"] == 5e-4 and cfg["epochs"] == 300 and cfg["batch_size"] == 4 and cfg["init_ckpt"] is None
