@@ -12,11 +12,11 @@ numpy's RNG state (which holds an ndarray) is converted to a tensor + ints.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import random
 import re
+import shutil
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .runinfo import atomic_write_bytes
+from models.weight_io import atomic_torch_save
 
 CHECKPOINT_GLOB = "checkpoint-*.pth"
 REQUIRED_KEYS = ("model",)
@@ -71,12 +71,25 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- save / load
+def snapshot_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Keep a copy of an already written checkpoint under another name without serialising
+    the state again: a hard link (the next atomic save of ``src`` gets a new file, so ``dst``
+    keeps this one), or a plain copy where links are not possible; renamed into place."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     """Serialise ``state`` to memory and write it atomically (temp file + rename), so that a
     crash mid-write never leaves a half-written file under the final name."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_torch_save(state, path)
     return Path(path)
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from engine.report import format_table
-from engine.runinfo import atomic_write_bytes
+from models.weight_io import atomic_write_bytes
 
 SETTING_TITLES = {
     "obj_to_texture": "Cross-class: trained on objects, tested on textures",
@@ -55,10 +55,8 @@ def _check_trainrun(path: Path) -> None:
 
 
 def _check_flow(path: Path) -> None:
-    import torch
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not {"encoder_state_dict", "decoder_state_dict"} <= set(sd):
-        raise ValueError(f"{path}: not a ProtoFlow weight file")
+    from engine.weights import verify_protoflow
+    verify_protoflow(path)
 
 
 def _check_results(path: Path) -> None:

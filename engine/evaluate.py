@@ -520,10 +520,9 @@ def resolve_test_classes(args, ckpt_cfg: dict) -> tuple[str, list]:
     """(setting, test classes) from --classes / --class_name / --from_obj_to_texture / --setting / checkpoint."""
     from datasets.mvtec import load_class_groups, resolve_classes
 
-    if getattr(args, "from_obj_to_texture", False):
-        setting = "obj_to_texture"
-    else:
-        setting = args.setting or ckpt_cfg.get("setting") or "texture_to_obj"
+    # same precedence as training (engine.train.resolve_setting): --setting, then the authors' flag
+    setting = (args.setting or ("obj_to_texture" if getattr(args, "from_obj_to_texture", False) else None)
+               or ckpt_cfg.get("setting") or "texture_to_obj")
     groups = load_class_groups(args.data_path)
     _, test_classes = resolve_classes(setting, groups)
     if args.classes:

@@ -25,7 +25,6 @@ Where prototypes come from (``--prototypes_from``):
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import math
 import random
@@ -41,7 +40,7 @@ from tqdm import tqdm
 from datasets.imagefolder import TrainImageFolder
 from datasets.mvtec import SETTINGS, load_class_groups, resolve_classes
 from datasets.transforms import normalize
-from engine.runinfo import atomic_write_bytes, run_info, write_json
+from engine.runinfo import run_info, write_json
 from models.protoflow import (
     DEFAULT_BACKBONE,
     TRAIN_STATS,
@@ -55,6 +54,7 @@ from models.protoflow import (
     residuals,
     save_prototypes,
 )
+from models.weight_io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,7 @@ def save_flow(model: ProtoFlow, path, info: dict) -> Path:
     """Atomic ``torch.save`` of the published layout + config + run_info."""
     sd = model.state_dict_published()
     sd["run_info"] = info
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_torch_save(sd, path)
     return Path(path)
 
 

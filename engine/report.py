@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from engine.metrics import METRIC_KEYS, as_map_stack, to_numpy
-from engine.runinfo import atomic_write_bytes, to_jsonable, write_json
+from engine.runinfo import to_jsonable, write_json
+from models.weight_io import atomic_write_bytes
 
 PROTOCOLS = ("strict", "paper")
 MEAN_ROW = "mean"

@@ -24,11 +24,13 @@ import torch.nn.functional as F
 
 from . import distributed as dist_utils
 from .checkpoint import (
+    RESUME_KEYS,
     load_checkpoint,
     load_resume_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    snapshot_checkpoint,
 )
 from .optim import apply_schedules, build_optimizer, cosine_scheduler
 from .runinfo import run_info, to_jsonable, write_json
@@ -434,10 +436,7 @@ def build_model_for_run(args, vocab_size: int, resuming: bool):
     model = models.create_model(args.model, img_size=args.input_size, vocab_size=vocab_size,
                                 drop_path_rate=args.drop_path, layer_scale_init_value=args.layer_scale_init_value,
                                 rel_pos_init=args.rel_pos_init, **overrides)
-    if args.init_ckpt and not resuming:
-        if not Path(args.init_ckpt).is_file():
-            raise FileNotFoundError(f"--init_ckpt {args.init_ckpt}: file not found "
-                                    "(expected e.g. weights/beit_base_patch16_224_pt22k.pth; see weights/README.md)")
+    if args.init_ckpt and not resuming:  # a missing file was already reported by run()
         models.load_beit_checkpoint(model, args.init_ckpt, verbose=dist_utils.is_main_process())
     elif not args.init_ckpt and not resuming:
         _loud("no --init_ckpt given: the model starts from RANDOM initialisation "
@@ -486,7 +485,7 @@ def run(args, *, model=None, tokenizer=None, on_step: Callable[[int, dict], None
     # Exact resume: find the checkpoint before building anything that consumes RNG.
     ckpt_path, ckpt = None, None
     if args.resume:
-        ckpt_path, ckpt = Path(args.resume), load_checkpoint(args.resume, required_keys=("model", "optimizer", "epoch", "step"))
+        ckpt_path, ckpt = Path(args.resume), load_checkpoint(args.resume, required_keys=RESUME_KEYS)
     elif args.auto_resume and out_dir is not None:
         ckpt_path, ckpt = load_resume_checkpoint(out_dir, verbose=main)
     resuming = ckpt is not None
@@ -614,8 +613,9 @@ def run(args, *, model=None, tokenizer=None, on_step: Callable[[int, dict], None
             last_stats = stats
             if out_dir is not None and (finished or (args.max_steps and state.step >= args.max_steps)):
                 save("checkpoint-last.pth")
-                if finished and args.save_ckpt_freq and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
-                    save(f"checkpoint-{epoch}.pth")
+                if (main and finished and args.save_ckpt_freq
+                        and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs)):
+                    snapshot_checkpoint(out_dir / "checkpoint-last.pth", out_dir / f"checkpoint-{epoch}.pth")
             if main and out_dir is not None and stats.get("ok_steps", 0) > 0:
                 rec = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "step": state.step,
                        "epoch_complete": finished, "skipped_steps": state.skipped_steps,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.weight_io import load_weights_file
+from models.weight_io import atomic_torch_save, load_weights_file
 
 FORMAT = "cdvm-kmeans-tokenizer"
 FORMAT_VERSION = 1
@@ -119,15 +118,7 @@ class KMeansTokenizer(nn.Module):
             "info": json.dumps(self.info),
             "run_info": json.dumps(run_info or {}),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_torch_save(obj, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **kw: Any) -> KMeansTokenizer:

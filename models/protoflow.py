@@ -28,12 +28,12 @@ This module never imports ``engine``: atomic saving of flow files lives in
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.weight_io import load_weights_file
+from models.weight_io import atomic_write_bytes, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -664,16 +664,9 @@ def save_prototypes(prototype_dir: str | os.PathLike, class_name: str, coreset) 
     if arr.ndim != 2:
         raise ValueError(f"coreset must be K×C, got shape {arr.shape}")
     out = prototype_dir_of(prototype_dir, class_name) / "coreset.npy"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".coreset.", suffix=".npy", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    atomic_write_bytes(out, buf.getbuffer())
     return out
 
 

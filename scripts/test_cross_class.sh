@@ -24,8 +24,7 @@ for dir in $DIRECTIONS; do
         "${PROTOFLOW_TEX2OBJ:-weights/protoflow/texture_to_obj.pth}" "$SAVE_PATH/texture_to_obj" "$@" ;;
     obj2tex)
       score obj_to_texture "${MODEL_PATH_OBJ2TEX:-$(newest_checkpoint output/pretrain_obj_to_texture)}" \
-        "${PROTOFLOW_OBJ2TEX:-weights/protoflow/obj_to_texture.pth}" "$SAVE_PATH/obj_to_texture" \
-        --from_obj_to_texture "$@" ;;
+        "${PROTOFLOW_OBJ2TEX:-weights/protoflow/obj_to_texture.pth}" "$SAVE_PATH/obj_to_texture" "$@" ;;
     *) echo "unknown direction '$dir' in DIRECTIONS (use tex2obj and/or obj2tex)" >&2; exit 2 ;;
   esac
 done

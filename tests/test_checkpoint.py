@@ -173,3 +173,15 @@ def test_explicit_resume_path(synthetic_train, tmp_path):
     assert steps == [3] and res["state"].step == 3
     with pytest.raises(CheckpointError, match="not found: .*nope.pth"):
         run(make_args(synthetic_train, tmp_path / "c", "--resume", tmp_path / "nope.pth"), tokenizer=ToyTokenizer())
+
+
+def test_snapshot_keeps_its_content_when_the_source_is_saved_again(tmp_path):
+    from engine.checkpoint import snapshot_checkpoint
+
+    last = tmp_path / "checkpoint-last.pth"
+    save_checkpoint(last, {"model": {"w": torch.zeros(2)}, "epoch": 0})
+    snap = snapshot_checkpoint(last, tmp_path / "checkpoint-0.pth")
+    save_checkpoint(last, {"model": {"w": torch.ones(2)}, "epoch": 1})
+    assert load_checkpoint(snap)["epoch"] == 0 and torch.equal(load_checkpoint(snap)["model"]["w"], torch.zeros(2))
+    assert load_checkpoint(last)["epoch"] == 1
+    assert not list(tmp_path.glob(".*tmp"))
