@@ -135,9 +135,10 @@ def image_log_probs(model: ProtoFlow, feats: torch.Tensor, prototypes: torch.Ten
     lps, keep = [], []
     for s in range(0, feats.shape[0], batch_size):
         f = feats[s:s + batch_size].to(device).float()
-        lps.append(model.log_prob(f, protos).cpu())
         b, _, h, w = f.shape
-        keep.append((residuals(f, protos).abs().amax(dim=1) > 0).reshape(b, h, w).cpu())
+        res = residuals(f, protos)  # one nearest-prototype search serves both outputs
+        lps.append(model.log_prob_of_residuals(res, b, h, w).cpu())
+        keep.append((res.abs().amax(dim=1) > 0).reshape(b, h, w).cpu())
     return torch.cat(lps), torch.cat(keep)
 
 

@@ -500,8 +500,13 @@ class ProtoFlow(nn.Module):
             raise ValueError(
                 f"features have {c} channels, the flow expects {self.feature_dim}"
             )
-        res = residuals(features, prototypes)
-        cond = self.position_code(h, w, features.device).repeat(b, 1)
+        return self.log_prob_of_residuals(residuals(features, prototypes), b, h, w, chunk)
+
+    def log_prob_of_residuals(
+        self, res: torch.Tensor, b: int, h: int, w: int, chunk: int = 65536
+    ) -> torch.Tensor:
+        """(B·h·w)×C residual rows (from :func:`residuals`) → B×h×w log p / C."""
+        cond = self.position_code(h, w, res.device).repeat(b, 1)
         out = torch.cat(
             [
                 self.log_prob_rows(res[s : s + chunk], cond[s : s + chunk])
