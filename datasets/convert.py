@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .mvtec import DATASET_INFO, load_class_groups
-from .transforms import is_image_file, load_image, load_mask
+from .transforms import images_by_stem, is_image_file, load_image, load_mask
 
 LINK_MODES = ("hardlink", "symlink", "copy")
 MARKER = "conversion.json"   # written into every output; lets re-runs recognise their own folders
@@ -168,10 +168,7 @@ def convert_mvtec(data_path, root, classes=None, link: str = "hardlink", fg_mask
         if not val:
             val = _images_in(cdir / "test" / "ok")       # BTAD names its normal folder "ok"
         mdir = _fg_mask_folder(fg_dir, data_path, cls)
-        masks = {}
-        if mdir is not None:
-            for m in _images_in(mdir):
-                masks.setdefault(m.stem, m)
+        masks = images_by_stem(mdir) if mdir is not None else {}
         plan.append((cls, train, val, masks))
 
     tmp = _prepare_output(root, [data_path])

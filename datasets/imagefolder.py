@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from .transforms import (
     image_transform,
+    images_by_stem,
     is_image_file,
     load_image,
     load_mask,
@@ -49,22 +50,12 @@ class TrainImageFolder(Dataset):
             files = sorted(p for p in cls_dir.iterdir() if p.is_file() and is_image_file(p))
             if not files:
                 raise FileNotFoundError(f"class folder has no images: {cls_dir}")
-            masks = self._mask_index(cls) if use_fg_mask else {}
+            masks = ({k: str(v) for k, v in images_by_stem(self.root / "fg_mask" / cls).items()}
+                     if use_fg_mask else {})
             for f in files:
                 m = masks.get(f.stem)
                 self.fg_mask_count += m is not None
                 self.samples.append((str(f), m, cls, index))
-
-    def _mask_index(self, cls: str) -> dict[str, str]:
-        """stem → mask path; any image extension is accepted."""
-        d = self.root / "fg_mask" / cls
-        if not d.is_dir():
-            return {}
-        out: dict[str, str] = {}
-        for p in sorted(d.iterdir()):
-            if p.is_file() and is_image_file(p):
-                out.setdefault(p.stem, str(p))
-        return out
 
     def __len__(self) -> int:
         return len(self.samples)

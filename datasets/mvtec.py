@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from .transforms import (
     image_transform,
+    images_by_stem,
     is_image_file,
     load_image,
     load_mask,
@@ -91,17 +92,6 @@ def resolve_classes(setting: str, groups: ClassGroups, classes=None) -> tuple[li
     raise ValueError(f"unknown setting {setting!r}; expected one of {SETTINGS}")
 
 
-def mask_index(gt_dir: Path) -> dict[str, Path]:
-    """stem → mask file of one ground-truth folder (first by sorted name if extensions differ)."""
-    if not gt_dir.is_dir():
-        return {}
-    out: dict[str, Path] = {}
-    for p in sorted(gt_dir.iterdir()):
-        if p.is_file() and is_image_file(p):
-            out.setdefault(p.stem, p)
-    return out
-
-
 def find_mask(index: dict[str, Path], stem: str) -> Path | None:
     """Mask of image ``stem``: ``<stem>_mask.*`` (MVTec/MPDD/VisA) or ``<stem>.*`` (BTAD)."""
     return index.get(stem + "_mask") or index.get(stem)
@@ -136,7 +126,7 @@ class MVTecTestDataset(Dataset):
         for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
             defect_type = type_dir.name
             label = 0 if defect_type in NORMAL_TYPES else 1
-            masks = mask_index(self.root / cls / "ground_truth" / defect_type) if label else {}
+            masks = images_by_stem(self.root / cls / "ground_truth" / defect_type) if label else {}
             for img in sorted(p for p in type_dir.iterdir() if p.is_file() and is_image_file(p)):
                 mask = None
                 if label:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,19 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 def is_image_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def images_by_stem(folder: str | os.PathLike) -> dict[str, Path]:
+    """stem → image file of one folder (first by sorted name if extensions differ; {} if absent).
+    How masks are matched to images everywhere: ground truth, foreground masks, conversion."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and is_image_file(p):
+            out.setdefault(p.stem, p)
+    return out
 
 
 def _open_verified(path: str | os.PathLike, mode: str) -> Image.Image:
