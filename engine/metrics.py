@@ -35,7 +35,7 @@ from scipy import ndimage
 
 IMAGE_METRIC_KEYS = ("image_auroc", "image_f1_max")
 PIXEL_METRIC_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_f1_max", "pixel_ap")
-METRIC_KEYS = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_aupro", "pixel_f1_max", "pixel_ap")
+METRIC_KEYS = IMAGE_METRIC_KEYS + PIXEL_METRIC_KEYS
 
 # 8-connectivity, as in MVTec AD's official evaluation code (np.ones((3, 3))).
 PRO_STRUCTURE = np.ones((3, 3), dtype=int)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import random
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from datasets.imagefolder import TrainImageFolder
 from datasets.mvtec import SETTINGS, load_class_groups, resolve_classes
 from datasets.transforms import normalize
 from engine.runinfo import run_info, write_json
+from engine.train import set_seed
 from models.protoflow import (
     DEFAULT_BACKBONE,
     TRAIN_STATS,
@@ -95,12 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_nan_steps", type=int, default=20, help="stop after this many non-finite steps in a row")
     p.add_argument("--no_bf16", action="store_true", help="run the backbone in float32")
     return p
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @torch.no_grad()
@@ -226,7 +220,7 @@ def save_flow(model: ProtoFlow, path, info: dict) -> Path:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    seed_everything(args.seed)
+    set_seed(args.seed)
     device = torch.device(args.device)
     groups = load_class_groups(args.data_path)
     train_classes, test_classes = resolve_classes(args.setting, groups, args.classes)

@@ -79,9 +79,6 @@ class DualBranchMIM(nn.Module):
             )
             load_state_dict_checked(self.branches["32"], sd, "branch 16 init")
 
-    def branch(self, patch: int) -> MIMVisionTransformer:
-        return self.branches[str(patch)]
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {
