@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from datasets.mvtec import SETTINGS
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("CDVM pre-training", add_help=True,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data_path", required=True, help="ImageNet-format folder from setup_train_dataset.py")
-    g.add_argument("--setting", choices=("multi_class", "obj_to_texture", "texture_to_obj"), default=None,
+    g.add_argument("--setting", choices=SETTINGS, default=None,
                    help="training classes; default from --from_obj_to_texture (authors: texture_to_obj without it)")
     g.add_argument("--from_obj_to_texture", action="store_true", help="authors' flag: train on objects")
     g.add_argument("--classes", default=None, help="comma-separated class list (overrides --setting)")
@@ -96,7 +98,7 @@ def get_kmeans_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("run_pretraining.py kmeans_tokenizer",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_path", required=True)
-    p.add_argument("--setting", choices=("multi_class", "obj_to_texture", "texture_to_obj"), default=None)
+    p.add_argument("--setting", choices=SETTINGS, default=None)
     p.add_argument("--from_obj_to_texture", action="store_true")
     p.add_argument("--classes", default=None)
     p.add_argument("--input_size", type=int, default=224)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from datasets.mvtec import SETTINGS
 from engine.evaluate import DEFAULT_MASK_RATIO, DEFAULT_SWEEP, PROTOCOLS
 
 
@@ -25,7 +26,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_path", required=True, help="trained checkpoint (run_pretraining.py output)")
     p.add_argument("--class_name", default="all", help="one test class, or 'all' (the setting's test classes)")
     p.add_argument("--classes", default=None, help="comma-separated test classes (overrides --class_name/--setting)")
-    p.add_argument("--setting", default=None, choices=("multi_class", "obj_to_texture", "texture_to_obj"),
+    p.add_argument("--setting", default=None, choices=SETTINGS,
                    help="which classes are tested (default: the checkpoint's setting)")
     p.add_argument("--from_obj_to_texture", action="store_true",
                    help="authors' flag: test the texture classes (objects→textures setting)")

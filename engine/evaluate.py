@@ -113,8 +113,12 @@ class ClassInputs:
         return self.images.shape[0]
 
     def images01(self, idx: slice | torch.Tensor) -> torch.Tensor:
-        x = self.images[idx]
-        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return as_float01(self.images[idx])
+
+
+def as_float01(x: torch.Tensor) -> torch.Tensor:
+    """Images stored by :func:`_compact_images` (uint8 or float) → float32 in [0, 1]."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
 @dataclass
@@ -224,7 +228,7 @@ def prepare_class(class_name: str, loader: Iterable, prior, prototypes, tokenize
         if progress is not None:
             progress(x01.shape[0])
     if any(im.dtype != torch.uint8 for im in images):  # one inexact batch: keep the whole class in float
-        images = [im.float() / 255.0 if im.dtype == torch.uint8 else im for im in images]
+        images = [as_float01(im) for im in images]
     inputs = ClassInputs(class_name, torch.cat(images), torch.cat(logps),
                          {p: torch.cat(v) for p, v in tokens.items()}, paths)
     truth = GroundTruth(torch.cat(labels).numpy().astype(np.int64), torch.cat(masks), types)
@@ -597,7 +601,7 @@ def evaluate_checkpoint(args) -> dict:
         curves = {}
         for cls, res in results["per_class"].items():
             m = res["_maps"]
-            images = m["images"].float() / 255.0 if m["images"].dtype == torch.uint8 else m["images"]
+            images = as_float01(m["images"])
             report.save_panels(save_path, cls, images, m["truth"].masks, m["proposal_masks"], m["maps"],
                                m["scores"], m["truth"].labels, max_images=int(args.max_vis_images),
                                protocol_label=f"{label} [mask ratio {m['ratio']}]")
