@@ -424,9 +424,7 @@ def load_trained_model(path, device, model_name: str | None = None, input_size: 
 
     path = _need(path, "model checkpoint", "Train one with run_pretraining.py (scripts/train_*.sh) "
                  "or pass --model_path to an existing checkpoint.")
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path}: not a CDVM training checkpoint (no 'model' state dict)")
+    ckpt = load_checkpoint(path)  # refuses files without a 'model' state dict, naming the file
     cfg = dict((ckpt.get("run_info") or {}).get("config") or {})
     name = model_name or cfg.get("model")
     if not name:
@@ -567,9 +565,7 @@ def evaluate_checkpoint(args) -> dict:
     if tok_path is not None and not Path(tok_path).exists():
         raise FileNotFoundError(f"tokenizer weights not found: {tok_path} (recorded in the checkpoint or given "
                                 f"by --tokenizer_weight_path; see weights/README.md)")
-    tokenizer = build_tokenizer(tok_kind, tok_path, device=str(device))
-    if hasattr(tokenizer, "eval"):
-        tokenizer.eval()
+    tokenizer = build_tokenizer(tok_kind, tok_path, device=str(device))  # frozen, eval mode
     if int(getattr(tokenizer, "vocab_size", model.vocab_size)) != int(model.vocab_size):
         raise ValueError(f"tokenizer {tok_kind} ({tok_path}) has vocabulary {tokenizer.vocab_size} but the model "
                          f"in {args.model_path} predicts {model.vocab_size} tokens")

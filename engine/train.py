@@ -389,13 +389,8 @@ def build_tokenizer_for_run(args, dataset, device: torch.device):
                       "DALL-E tokenizer; results are not comparable with the paper.")
                 fit_kmeans_for_run(args, dataset, path)
             dist_utils.barrier()
-    elif args.tokenizer == "dall-e" and path and not Path(path).is_file():
-        raise FileNotFoundError(f"--tokenizer_weight_path {path}: file not found (DALL-E encoder.pkl expected)")
-    tok = build_tokenizer(args.tokenizer, path or None, device=str(device))
-    tok.eval()
-    for prm in tok.parameters():
-        prm.requires_grad_(False)
-    return tok
+    # build_tokenizer names a missing file and returns the tokenizer frozen, in eval mode
+    return build_tokenizer(args.tokenizer, path or None, device=str(device))
 
 
 def fit_kmeans_for_run(args, dataset, path):
