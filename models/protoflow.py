@@ -744,7 +744,8 @@ def abnormality_from_logp(
     log p itself. Measured (synthetic seed 1, pretrained Lite0 stand-in, 4-block flow, 4–8
     CPU epochs): normal positions sit at 0.4–0.9 (the training max is ~3.7 σ above the
     typical normal position), defect maxima at 0.9–0.97, never exactly 0 or 1 — compressed
-    towards 1 for short fits, not degenerate; kept as the authors' formula.
+    towards 1 for short fits, not degenerate; kept as the authors' formula. How compressed a
+    fitted flow is, is recorded as ``abnormality_of_median_position`` in ``train_stats.json``.
     """
     ref = torch.as_tensor(ref_max, dtype=logp.dtype, device=logp.device)
     return 1.0 - torch.exp((logp - ref).clamp(max=0.0))
@@ -766,7 +767,11 @@ def logp_statistics(logp: torch.Tensor, valid: torch.Tensor | None = None) -> di
     per_image_max = per_image_max[torch.isfinite(per_image_max)]
     sample = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
     q = torch.quantile(sample, torch.tensor([0.001, 0.01, 0.5, 0.99, 0.999], dtype=torch.float64))
+    # abnormality (abnormality_from_logp with this logp_max) of a median normal position: near 1
+    # means normal and defective positions are squeezed together (an under-trained flow)
+    median_abnormality = 1.0 - math.exp(min(float(q[2]) - float(flat.max()), 0.0))
     return {"logp_max": float(flat.max()), "logp_mean": float(flat.mean()),
+            "abnormality_of_median_position": median_abnormality,
             "logp_std": float(flat.std()) if flat.numel() > 1 else 0.0,
             "logp_min": float(flat.min()), "logp_q001": float(q[0]), "logp_q01": float(q[1]),
             "logp_median": float(q[2]), "logp_q99": float(q[3]), "logp_q999": float(q[4]),

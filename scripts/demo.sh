@@ -27,18 +27,28 @@ for a in "$@"; do
 done
 
 # ----------------------------------------------------------------- configuration
-# Hyper-parameters were chosen on synthetic data of generator seed 1; the demo reports
-# seed 0 (DEMO_SEED), which was never used for tuning.
+# Hyper-parameters were chosen on synthetic data of generator seeds 1 and 3; the demo reports
+# seed 0 (DEMO_SEED), which was never used for tuning. 80 test images per class (32 normal):
+# with 20 (8 normal) one normal image ranked above every defective one costs 12.5 image-AUROC
+# points, with 80 it costs 3.1.
 if [ "${DEMO_FAST:-0}" = "1" ]; then
   NAME=demo-fast; N_TRAIN=10; N_TEST=6; IMAGE_SIZE=256; INPUT_SIZE=${DEMO_INPUT_SIZE:-128}
   EPOCHS=2; BATCH=8; VOCAB=64; MODEL=vit_tiny_patch16_224_8k_vocab_dual
-  PF_EPOCHS=1; PF_CORESET=128; KM_PATCHES=20000
+  PF_EPOCHS=1; PF_BLOCKS=4; PF_CORESET=128; KM_PATCHES=20000
 else
-  NAME=demo; N_TRAIN=${DEMO_N_TRAIN:-40}; N_TEST=${DEMO_N_TEST:-20}; IMAGE_SIZE=256
+  NAME=demo; N_TRAIN=${DEMO_N_TRAIN:-40}; N_TEST=${DEMO_N_TEST:-80}; IMAGE_SIZE=256
   INPUT_SIZE=${DEMO_INPUT_SIZE:-224}; EPOCHS=${DEMO_EPOCHS:-60}; BATCH=${DEMO_BATCH:-16}
   VOCAB=${DEMO_VOCAB:-64}; MODEL=${DEMO_MODEL:-vit_tiny_patch16_224_8k_vocab_dual}
-  PF_EPOCHS=${DEMO_PF_EPOCHS:-4}; PF_CORESET=${DEMO_PF_CORESET:-512}; KM_PATCHES=${DEMO_KM_PATCHES:-60000}
+  PF_EPOCHS=${DEMO_PF_EPOCHS:-20}; PF_BLOCKS=${DEMO_PF_BLOCKS:-8}; PF_CORESET=${DEMO_PF_CORESET:-1024}
+  KM_PATCHES=${DEMO_KM_PATCHES:-60000}
 fi
+# ProtoFlow as the authors size it (8 flow blocks, ~1024 prototypes), trained for 20 epochs: the
+# earlier 4-epoch, 4-block fit ran 20-40 optimiser steps, squeezed normal and defective positions
+# together (see `abnormality of the median normal position` in its log) and cost ~2 AUROC points.
+# Scoring masks only the most suspicious 10 % of positions (training masks 30 %): with the demo's
+# small ViT the cross-entropy of normal patches is noisy, so fewer scored patches means less
+# noise (chosen on seeds 1 and 3: +1.6 image / +1.2 pixel AUROC points on average over 0.3).
+TEST_MASK_RATIO=${DEMO_TEST_MASK_RATIO:-0.1}
 SEED=${DEMO_SEED:-0}
 THREADS=${DEMO_THREADS:-$(nproc)}
 OUT=${DEMO_OUT:-output/$NAME}
@@ -95,12 +105,12 @@ for SETTING in "${SETTINGS[@]}"; do
   stage "protoflow-$SETTING" "flow $RUN/protoflow.pth" -- \
     python run_pretraining.py protoflow --data_path "$TRAIN_ROOT" --setting "$SETTING" \
       "${PF_BACKBONE[@]}" --input_size "$INPUT_SIZE" --prototype_dir "$RUN/prototypes" \
-      --coreset_size "$PF_CORESET" --epochs "$PF_EPOCHS" --flow_blocks 4 --positions_per_image 196 \
+      --coreset_size "$PF_CORESET" --epochs "$PF_EPOCHS" --flow_blocks "$PF_BLOCKS" --positions_per_image 196 \
       --output "$RUN/protoflow.pth" \
       --device cpu --seed "$SEED"
   stage "test-$SETTING" "results $RUN/results" -- \
     python run_test.py --data_path "$DATA" --model_path "$RUN/mim/checkpoint-last.pth" \
-      --setting "$SETTING" --protocol strict --protoflow_path "$RUN/protoflow.pth" \
+      --setting "$SETTING" --protocol strict --mask_ratio "$TEST_MASK_RATIO" --protoflow_path "$RUN/protoflow.pth" \
       --prototype_dir "$RUN/prototypes" --save_path "$RUN/results" --vis --device cpu \
       --num_workers 0 --seed "$SEED"
 done

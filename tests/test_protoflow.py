@@ -418,3 +418,23 @@ def test_subsampled_loss_uses_the_chosen_positions(model, feats):
     few.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
     model.decoder.zero_grad(set_to_none=True)
+
+
+def test_logp_statistics_report_the_abnormality_of_a_typical_normal_position():
+    tight = logp_statistics(torch.tensor([[-1.0, -1.1, -1.2, -1.05, -1.15]]))
+    broad = logp_statistics(torch.tensor([[-1.0, -3.0, -4.0, -3.5, -2.5]]))
+    assert tight["abnormality_of_median_position"] == pytest.approx(1 - math.exp(-0.1))
+    assert broad["abnormality_of_median_position"] == pytest.approx(1 - math.exp(-2.0))
+    assert 0 < tight["abnormality_of_median_position"] < broad["abnormality_of_median_position"] < 1
+
+
+def test_flow_training_warns_when_normal_positions_already_look_abnormal(caplog):
+    from engine.protoflow_train import log_spread
+
+    with caplog.at_level("INFO", logger="engine.protoflow_train"):
+        log_spread("tight", {"abnormality_of_median_position": 0.4, "logp_std": 0.1})
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with caplog.at_level("INFO", logger="engine.protoflow_train"):
+        log_spread("squeezed", {"abnormality_of_median_position": 0.93, "logp_std": 0.7})
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "squeezed" in warned[0] and "--epochs" in warned[0]
