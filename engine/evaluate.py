@@ -600,7 +600,8 @@ def evaluate_checkpoint(args) -> dict:
             images = as_float01(m["images"])
             report.save_panels(save_path, cls, images, m["truth"].masks, m["proposal_masks"], m["maps"],
                                m["scores"], m["truth"].labels, max_images=int(args.max_vis_images),
-                               protocol_label=f"{label} [mask ratio {m['ratio']}]")
+                               protocol_label=label if cfg.protocol == "strict"  # label names the ratio
+                               else f"{label} [maps of mask ratio {m['ratio']}]")
             curves[cls] = (m["scores"], m["truth"].labels, m["maps"], m["truth"].masks)
         report.save_roc_curves(save_path, curves, protocol_label=label)
     for res in results["per_class"].values():

@@ -258,7 +258,11 @@ def save_panels(save_path: str | Path, class_name: str, images01: Any, gt_masks:
     vmin, vmax = float(maps.min()), float(maps.max())
     jet = colormaps["jet"]
     titles = ["image", "ground truth", *proposals, f"anomaly map [{vmin:.3g}, {vmax:.3g}]"]
-    fig = Figure(figsize=(2.0 * len(titles), 2.0 * len(rows) + 0.8))
+    height = 2.0 * len(rows) + 1.2
+    fig = Figure(figsize=(2.0 * len(titles), height))
+    # margins in inches, not figure fractions: matplotlib's default top=0.88 leaves a tall
+    # panel of 16 rows with 4 inches of blank space under the title
+    fig.subplots_adjust(top=1 - 1.1 / height, bottom=0.1 / height, hspace=0.15)
     axes = fig.subplots(len(rows), len(titles), squeeze=False)
     for r, i in enumerate(rows):
         img = np.clip(imgs[i].transpose(1, 2, 0), 0, 1)

@@ -4,7 +4,7 @@
 #   → dual-branch MIM training (objects→textures and multi-class) → ProtoFlow prior
 #   → strict scoring with heatmaps → output/demo/report.md
 #
-#   bash scripts/demo.sh            # full demo (about 6 minutes on 2 CPU cores, first run included)
+#   bash scripts/demo.sh            # full demo (about 10 minutes on 2 CPU cores, first run included)
 #   bash scripts/demo.sh --force    # redo every stage
 #   DEMO_FAST=1 bash scripts/demo.sh   # 2-minute smoke version (what CI runs)
 #
