@@ -767,9 +767,9 @@ def logp_statistics(logp: torch.Tensor, valid: torch.Tensor | None = None) -> di
     per_image_max = per_image_max[torch.isfinite(per_image_max)]
     sample = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
     q = torch.quantile(sample, torch.tensor([0.001, 0.01, 0.5, 0.99, 0.999], dtype=torch.float64))
-    # abnormality (abnormality_from_logp with this logp_max) of a median normal position: near 1
-    # means normal and defective positions are squeezed together (an under-trained flow)
-    median_abnormality = 1.0 - math.exp(min(float(q[2]) - float(flat.max()), 0.0))
+    # abnormality of a median normal position: near 1 means normal and defective positions are
+    # squeezed together (an under-trained flow)
+    median_abnormality = float(abnormality_from_logp(q[2], flat.max()))
     return {"logp_max": float(flat.max()), "logp_mean": float(flat.mean()),
             "abnormality_of_median_position": median_abnormality,
             "logp_std": float(flat.std()) if flat.numel() > 1 else 0.0,

@@ -47,7 +47,7 @@ fi
 # together (see `abnormality of the median normal position` in its log) and cost ~2 AUROC points.
 # Scoring masks only the most suspicious 10 % of positions (training masks 30 %): with the demo's
 # small ViT the cross-entropy of normal patches is noisy, so fewer scored patches means less
-# noise (chosen on seeds 1 and 3: +1.6 image / +1.2 pixel AUROC points on average over 0.3).
+# noise (chosen on seeds 1 and 3: +1.5 image / +1.1 pixel AUROC points on average over 0.3).
 TEST_MASK_RATIO=${DEMO_TEST_MASK_RATIO:-0.1}
 SEED=${DEMO_SEED:-0}
 THREADS=${DEMO_THREADS:-$(nproc)}
