@@ -17,6 +17,7 @@ import sys
 
 from datasets.mvtec import SETTINGS
 from engine.evaluate import DEFAULT_MASK_RATIO, DEFAULT_SWEEP, PROTOCOLS
+from models.protoflow import ABNORMALITY_KINDS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask_ratio", type=float, default=DEFAULT_MASK_RATIO, help="strict: the one mask ratio")
     p.add_argument("--sweep_ratios", default=DEFAULT_SWEEP,
                    help="paper: start:stop:step (inclusive) or a comma list of ratios")
+    p.add_argument("--abnormality", default="authors", choices=ABNORMALITY_KINDS,
+                   help="ProtoFlow abnormality that multiplies the cross-entropy. authors (default): "
+                        "1 - exp(log p - max); zscore (strict only): standard deviations below the mean "
+                        "log p of normal training positions, 0 above it (better with a weak ViT, see README)")
     p.add_argument("--authors_double_smoothing", default=None, action=argparse.BooleanOptionalAction,
                    help="paper only: smooth pixel maps twice like the authors (default on under paper)")
     p.add_argument("--protoflow_path", default=None,
@@ -60,7 +65,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.abnormality != "authors" and args.protocol != "strict":
+        parser.error(f"--abnormality {args.abnormality} is a strict-protocol option; --protocol paper keeps the "
+                     "authors' abnormality (normalised by the test-set maximum)")
     from engine.checkpoint import CheckpointError
     from engine.evaluate import evaluate_checkpoint
 

@@ -7,7 +7,8 @@ Per test class the work is split so that only what depends on the mask ratio rep
    returned in a *separate* object that the scoring functions never receive.
 2. :func:`abnormality_maps` turns log-likelihoods into an abnormality map, with the
    reference maximum taken from normal *training* images (``strict``) or from the test
-   set itself (``paper``, the authors' protocol).
+   set itself (``paper``, the authors' protocol); ``--abnormality zscore`` (strict only)
+   measures log p in standard deviations of the normal training positions instead.
 3. :func:`score_ratio` builds the masks of one ratio and runs the batched masked forward
    → per-patch CE → pixel maps and image scores. This is the only step a sweep repeats.
 4. :func:`evaluate_class` ties these together and calls ``engine.metrics.compute_all``;
@@ -81,6 +82,7 @@ class ScoringConfig:
     seed: int = 0
     amp: bool = True                                # bf16 autocast for the ViT forwards
     tokenizer_amp: bool = False                     # tokens in float32 unless asked (exact targets)
+    abnormality: str = "authors"                    # ProtoFlow map: authors' 1−exp(logp−max) or zscore
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -92,6 +94,9 @@ class ScoringConfig:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio {self.mask_ratio} is outside (0, 1)")
         self.sweep_ratios = parse_ratios(self.sweep_ratios)
+        if self.abnormality == "zscore" and self.protocol != "strict":
+            raise ValueError("--abnormality zscore is a strict-protocol option; the paper protocol keeps the "
+                             "authors' abnormality normalised by the test-set maximum")
 
     @property
     def ratios(self) -> list[float]:
@@ -161,24 +166,39 @@ def flow_log_prob(prior, x01: torch.Tensor, prototypes) -> torch.Tensor:
     return prior.log_prob(feats, prototypes.to(feats.device)).float()
 
 
-def abnormality_maps(logp: torch.Tensor, protocol: str, train_stats: Any = None) -> tuple[torch.Tensor, dict]:
+def abnormality_maps(logp: torch.Tensor, protocol: str, train_stats: Any = None,
+                     kind: str = "authors") -> tuple[torch.Tensor, dict]:
     """Log-likelihood grids → abnormality maps (higher = worse) and the reference used.
 
-    strict: the reference maximum comes from the class's normal *training* images
-    (``train_stats``). paper: the maximum over the class's test set, as the authors did.
+    ``kind="authors"``: ``1 − exp(log p − max)``; under strict the maximum comes from the
+    class's normal *training* images (``train_stats``), under paper from the class's test set,
+    as the authors did. ``kind="zscore"`` (strict only): standard deviations below the mean
+    log p of the normal training positions (see ``models.protoflow.abnormality_zscore``).
     """
-    from models.protoflow import abnormality_from_logp
+    from models.protoflow import ABNORMALITY_KINDS, abnormality_from_logp, abnormality_zscore
 
+    if kind not in ABNORMALITY_KINDS:
+        raise ValueError(f"unknown abnormality {kind!r}; expected one of {ABNORMALITY_KINDS}")
+    if protocol == "strict" and train_stats is None:
+        raise ValueError("strict protocol needs the class's ProtoFlow train_stats (from normal training images)")
+    if kind == "zscore":
+        if protocol != "strict":
+            raise ValueError("the z-score abnormality uses normal training statistics and exists under the strict "
+                             "protocol only; the paper protocol keeps the authors' test-set maximum")
+        if not isinstance(train_stats, dict) or not {"logp_mean", "logp_std"} <= set(train_stats):
+            raise ValueError("z-score abnormality needs logp_mean and logp_std in the class's train_stats.json "
+                             "(re-run `run_pretraining.py protoflow` to write them)")
+        mean, std = float(train_stats["logp_mean"]), float(train_stats["logp_std"])
+        return abnormality_zscore(logp, mean, std).float(), {"kind": kind, "reference": "train_stats",
+                                                             "logp_mean": mean, "logp_std": std}
     if protocol == "strict":
-        if train_stats is None:
-            raise ValueError("strict protocol needs the class's ProtoFlow train_stats (from normal training images)")
         ref_max = train_stats["logp_max"] if isinstance(train_stats, dict) else train_stats
         source = "train_stats"
     else:
         ref_max = logp.max()
         source = "test_set_max"
     ref_max = float(ref_max)
-    return abnormality_from_logp(logp, ref_max).float(), {"reference": source, "ref_max": ref_max}
+    return abnormality_from_logp(logp, ref_max).float(), {"kind": kind, "reference": source, "ref_max": ref_max}
 
 
 # --------------------------------------------------------------------------- one pass over the data
@@ -375,7 +395,7 @@ def select_best(per_ratio: dict) -> dict:
 def evaluate_class(model, inputs: ClassInputs, truth: GroundTruth, train_stats, device: torch.device,
                    cfg: ScoringConfig, keep_maps: bool = False, progress: Callable | None = None) -> dict:
     """Score one prepared class under ``cfg.protocol``; metrics are the only reader of ``truth`` in strict."""
-    abnormality, ref = abnormality_maps(inputs.logp, cfg.protocol, train_stats)
+    abnormality, ref = abnormality_maps(inputs.logp, cfg.protocol, train_stats, cfg.abnormality)
     use_proposal = None
     extra: dict = {"abnormality_reference": ref}
     if cfg.protocol == "paper":
@@ -572,6 +592,7 @@ def evaluate_checkpoint(args) -> dict:
 
     cfg = ScoringConfig(protocol=args.protocol, mask_ratio=args.mask_ratio, sweep_ratios=args.sweep_ratios,
                         batch_size=args.batch_size, authors_double_smoothing=args.authors_double_smoothing,
+                        abnormality=getattr(args, "abnormality", "authors"),
                         seed=args.seed, amp=not getattr(args, "no_amp", False),
                         tokenizer_amp=resolve_tokenizer_amp(getattr(args, "tokenizer_amp", "auto"), ckpt_cfg, device))
 

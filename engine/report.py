@@ -40,7 +40,7 @@ TABLE_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "image_f1_max", "pixe
 
 # ----------------------------------------------------------------------------- protocol label
 def protocol_label(protocol: str, mask_ratio: float | None = None, mask_ratios: Any = None,
-                   class_mask_ratios: str | None = None) -> str:
+                   class_mask_ratios: str | None = None, abnormality: str | None = None) -> str:
     """One sentence saying how the numbers were obtained, e.g. ``Protocol: strict (...)``."""
     if protocol == "strict":
         if class_mask_ratios == "authors":
@@ -50,6 +50,8 @@ def protocol_label(protocol: str, mask_ratio: float | None = None, mask_ratios: 
             how = f"fixed mask ratio {float(mask_ratio):.2f}, no test labels used"
         else:
             how = "fixed mask ratio, no test labels used"
+        if abnormality == "zscore":
+            how += "; flow abnormality as a z-score of normal training positions"
         return f"Protocol: strict ({how})"
     if protocol == "paper":
         sweep = ""
@@ -74,7 +76,8 @@ def protocol_label_from_run_info(run_info: Mapping[str, Any]) -> str:
     protocol = get("protocol")
     if protocol is None:
         raise ValueError("run_info carries no 'protocol' (strict or paper); every result file must state it")
-    return protocol_label(protocol, get("mask_ratio"), get("mask_ratios"), get("class_mask_ratios"))
+    return protocol_label(protocol, get("mask_ratio"), get("mask_ratios"), get("class_mask_ratios"),
+                          get("abnormality"))
 
 
 # ----------------------------------------------------------------------------- tables

@@ -751,6 +751,24 @@ def abnormality_from_logp(
     return 1.0 - torch.exp((logp - ref).clamp(max=0.0))
 
 
+ABNORMALITY_KINDS = ("authors", "zscore")
+
+
+def abnormality_zscore(logp: torch.Tensor, train_mean: float, train_std: float) -> torch.Tensor:
+    """Abnormality ≥ 0, higher = worse: ``max(0, (train_mean − logp) / train_std)``.
+
+    How many standard deviations of the class's normal *training* positions a position's
+    log p / C lies below their mean; positions at or above the mean score 0. Why it exists:
+    :func:`abnormality_from_logp` puts typical normal positions at 0.4–0.8 of a maximum of 1,
+    so in the product with the ViT's cross-entropy a defect (≈0.95) weighs barely more than a
+    normal position and a weak ViT's noisy cross-entropy decides; this map is linear in log p
+    and zero on typical positions. Same ranking as log p, so proposal masks do not change.
+    """
+    if not (math.isfinite(train_std) and train_std > 0):
+        raise ValueError(f"z-score abnormality needs a positive training log p std, got {train_std}")
+    return ((train_mean - logp) / train_std).clamp(min=0.0)
+
+
 def logp_statistics(logp: torch.Tensor, valid: torch.Tensor | None = None) -> dict:
     """Summary of per-position log p / C over normal images (for train_stats.json).
 

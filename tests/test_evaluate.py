@@ -134,6 +134,35 @@ def test_strict_never_reads_labels(setup):
     assert float(s["inputs"].logp.max()) != pytest.approx(a["abnormality_reference"]["ref_max"])
 
 
+def test_strict_zscore_abnormality_uses_training_mean_and_std(setup):
+    """--abnormality zscore: same proposal ranking, a map from the *training* mean/std only, and
+    a different score (it multiplies the cross-entropy)."""
+    s = setup
+    st = s["stats"][s["cls"]]
+    cfg_a = ScoringConfig(protocol="strict", mask_ratio=0.3, batch_size=4)
+    cfg_z = ScoringConfig(protocol="strict", mask_ratio=0.3, batch_size=4, abnormality="zscore")
+    a = ev.evaluate_class(s["model"], s["inputs"], s["truth"], st, torch.device("cpu"), cfg_a, keep_maps=True)
+    z = ev.evaluate_class(s["model"], s["inputs"], s["truth"], st, torch.device("cpu"), cfg_z, keep_maps=True)
+    ref = z["abnormality_reference"]
+    assert ref["kind"] == "zscore" and ref["reference"] == "train_stats"
+    assert ref["logp_mean"] == pytest.approx(st["logp_mean"]) and ref["logp_std"] == pytest.approx(st["logp_std"])
+    for p in a["_maps"]["proposal_masks"]:
+        assert torch.equal(a["_maps"]["proposal_masks"][p], z["_maps"]["proposal_masks"][p])
+    assert not torch.equal(a["_maps"]["scores"], z["_maps"]["scores"])
+    # labels still never reach the scores
+    w = ev.evaluate_class(s["model"], s["inputs"], _wrong(s["truth"]), st, torch.device("cpu"), cfg_z, keep_maps=True)
+    assert torch.equal(z["_maps"]["scores"], w["_maps"]["scores"])
+
+
+def test_zscore_abnormality_is_strict_only_and_needs_mean_and_std(setup):
+    with pytest.raises(ValueError, match="strict-protocol option"):
+        ScoringConfig(protocol="paper", abnormality="zscore")
+    with pytest.raises(ValueError, match="unknown abnormality"):
+        ev.abnormality_maps(setup["inputs"].logp, "strict", setup["stats"][setup["cls"]], kind="minmax")
+    with pytest.raises(ValueError, match="logp_mean and logp_std"):
+        ev.abnormality_maps(setup["inputs"].logp, "strict", {"logp_max": 0.0}, kind="zscore")
+
+
 def test_paper_protocol_uses_labels_and_test_max(setup):
     """Counter-check: under paper the (test-label) threshold changes which images get proposals."""
     s = setup
@@ -351,6 +380,22 @@ def test_run_test_strict_writes_labelled_results(setup, trained_files, synthetic
     assert "strict" in (tmp_path / "results.csv").read_text()
     out = capsys.readouterr().out
     assert "| Class |" in out and str(tmp_path) in out
+
+
+def test_run_test_zscore_abnormality_is_labelled_and_strict_only(setup, trained_files, synthetic_mvtec,
+                                                                  tmp_path, capsys):
+    cls = setup["classes"][0]
+    rc = _run(_base_args(setup, trained_files, synthetic_mvtec, tmp_path)
+              + ["--class_name", cls, "--mask_ratio", "0.1", "--abnormality", "zscore"])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert "z-score" in res["protocol_label"] and "z-score" in (tmp_path / "results.md").read_text()
+    assert res["run_info"]["config"]["scoring"]["abnormality"] == "zscore"
+    assert res["run_info"]["per_class_details"][cls]["abnormality_reference"]["kind"] == "zscore"
+    with pytest.raises(SystemExit):
+        _run(_base_args(setup, trained_files, synthetic_mvtec, tmp_path / "p")
+             + ["--class_name", cls, "--protocol", "paper", "--abnormality", "zscore"])
+    assert "strict-protocol option" in capsys.readouterr().err
 
 
 def test_run_test_paper_sweep_and_vis(setup, trained_files, synthetic_mvtec, tmp_path):

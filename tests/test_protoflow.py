@@ -16,6 +16,7 @@ from models.protoflow import (
     ProtoFlow,
     _run_stages,
     abnormality_from_logp,
+    abnormality_zscore,
     build_coreset,
     flow_config_from_state_dict,
     load_prototypes,
@@ -228,6 +229,17 @@ def test_abnormality_is_monotone_and_bounded():
     assert torch.all(a[1:] <= a[:-1]) and a.min() == 0 and a.max() < 1
     assert torch.all(a[logp >= 0] == 0)
     assert math.isclose(float(abnormality_from_logp(torch.tensor(-1.0), 0.0)), 1 - math.exp(-1), rel_tol=1e-6)
+
+
+def test_zscore_abnormality_is_zero_up_to_the_training_mean_and_linear_below():
+    logp = torch.linspace(-5, 1, 61)
+    a = abnormality_zscore(logp, train_mean=-1.0, train_std=0.5)
+    assert torch.all(a[1:] <= a[:-1])
+    assert torch.all(a[logp >= -1.0] == 0) and torch.all(a[logp < -1.0] > 0)
+    assert math.isclose(float(abnormality_zscore(torch.tensor(-2.0), -1.0, 0.5)), 2.0, rel_tol=1e-6)
+    for bad in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="positive training log p std"):
+            abnormality_zscore(logp, -1.0, bad)
 
 
 # ------------------------------------------------------------------ end to end (synthetic data)

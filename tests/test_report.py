@@ -73,6 +73,8 @@ def test_protocol_required_and_validated(tmp_path):
     with pytest.raises(ValueError, match="unknown protocol"):
         R.protocol_label("optimistic")
     assert "authors' table" in R.protocol_label("strict", class_mask_ratios="authors")
+    assert "z-score" in R.protocol_label("strict", 0.1, abnormality="zscore")
+    assert "z-score" not in R.protocol_label("strict", 0.1, abnormality="authors")
     assert R.protocol_label_from_run_info({"protocol": "strict", "protocol_label": "Protocol: custom"}) == "Protocol: custom"
 
 
