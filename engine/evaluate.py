@@ -94,9 +94,7 @@ class ScoringConfig:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio {self.mask_ratio} is outside (0, 1)")
         self.sweep_ratios = parse_ratios(self.sweep_ratios)
-        if self.abnormality == "zscore" and self.protocol != "strict":
-            raise ValueError("--abnormality zscore is a strict-protocol option; the paper protocol keeps the "
-                             "authors' abnormality normalised by the test-set maximum")
+        check_abnormality(self.abnormality, self.protocol)
 
     @property
     def ratios(self) -> list[float]:
@@ -166,6 +164,17 @@ def flow_log_prob(prior, x01: torch.Tensor, prototypes) -> torch.Tensor:
     return prior.log_prob(feats, prototypes.to(feats.device)).float()
 
 
+def check_abnormality(kind: str, protocol: str) -> None:
+    """The abnormality kinds and which protocol each belongs to (one rule for config and maps)."""
+    from models.protoflow import ABNORMALITY_KINDS
+
+    if kind not in ABNORMALITY_KINDS:
+        raise ValueError(f"unknown abnormality {kind!r}; expected one of {ABNORMALITY_KINDS}")
+    if kind == "zscore" and protocol != "strict":
+        raise ValueError("--abnormality zscore is a strict-protocol option (it uses normal training statistics); "
+                         "the paper protocol keeps the authors' abnormality normalised by the test-set maximum")
+
+
 def abnormality_maps(logp: torch.Tensor, protocol: str, train_stats: Any = None,
                      kind: str = "authors") -> tuple[torch.Tensor, dict]:
     """Log-likelihood grids → abnormality maps (higher = worse) and the reference used.
@@ -175,16 +184,12 @@ def abnormality_maps(logp: torch.Tensor, protocol: str, train_stats: Any = None,
     as the authors did. ``kind="zscore"`` (strict only): standard deviations below the mean
     log p of the normal training positions (see ``models.protoflow.abnormality_zscore``).
     """
-    from models.protoflow import ABNORMALITY_KINDS, abnormality_from_logp, abnormality_zscore
+    from models.protoflow import abnormality_from_logp, abnormality_zscore
 
-    if kind not in ABNORMALITY_KINDS:
-        raise ValueError(f"unknown abnormality {kind!r}; expected one of {ABNORMALITY_KINDS}")
+    check_abnormality(kind, protocol)
     if protocol == "strict" and train_stats is None:
         raise ValueError("strict protocol needs the class's ProtoFlow train_stats (from normal training images)")
     if kind == "zscore":
-        if protocol != "strict":
-            raise ValueError("the z-score abnormality uses normal training statistics and exists under the strict "
-                             "protocol only; the paper protocol keeps the authors' test-set maximum")
         if not isinstance(train_stats, dict) or not {"logp_mean", "logp_std"} <= set(train_stats):
             raise ValueError("z-score abnormality needs logp_mean and logp_std in the class's train_stats.json "
                              "(re-run `run_pretraining.py protoflow` to write them)")

@@ -392,10 +392,10 @@ def test_run_test_zscore_abnormality_is_labelled_and_strict_only(setup, trained_
     assert "z-score" in res["protocol_label"] and "z-score" in (tmp_path / "results.md").read_text()
     assert res["run_info"]["config"]["scoring"]["abnormality"] == "zscore"
     assert res["run_info"]["per_class_details"][cls]["abnormality_reference"]["kind"] == "zscore"
-    with pytest.raises(SystemExit):
-        _run(_base_args(setup, trained_files, synthetic_mvtec, tmp_path / "p")
-             + ["--class_name", cls, "--protocol", "paper", "--abnormality", "zscore"])
-    assert "strict-protocol option" in capsys.readouterr().err
+    rc = _run(_base_args(setup, trained_files, synthetic_mvtec, tmp_path / "p")
+              + ["--class_name", cls, "--protocol", "paper", "--abnormality", "zscore"])
+    assert rc == 2 and "strict-protocol option" in capsys.readouterr().err
+    assert not (tmp_path / "p" / "results.json").exists()
 
 
 def test_run_test_paper_sweep_and_vis(setup, trained_files, synthetic_mvtec, tmp_path):
