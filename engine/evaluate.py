@@ -480,8 +480,12 @@ def prototypes_source(prior) -> str:
     return cfg.get("prototypes_from") or "target (flow file records none: the authors' default)"
 
 
-def check_train_stats(train_stats: dict, classes, prototype_dir) -> None:
-    """strict needs every class's training likelihood statistics; name the missing files."""
+TRAIN_STATS_KEYS = {"authors": ("logp_max",), "zscore": ("logp_mean", "logp_std")}
+
+
+def check_train_stats(train_stats: dict, classes, prototype_dir, abnormality: str = "authors") -> None:
+    """strict needs every class's training likelihood statistics (the ones ``abnormality`` reads);
+    name the missing files before any scoring work."""
     from models.protoflow import COMMAND_HINT, TRAIN_STATS
 
     missing = [c for c in classes if c not in (train_stats or {})]
@@ -490,6 +494,12 @@ def check_train_stats(train_stats: dict, classes, prototype_dir) -> None:
             f"--protocol strict needs likelihood statistics of normal training images for class(es) {missing} "
             f"({TRAIN_STATS} next to each class's coreset.npy under {prototype_dir}); write them by fitting "
             f"ProtoFlow with: {COMMAND_HINT} (or use --protocol paper)")
+    keys = TRAIN_STATS_KEYS[abnormality]
+    incomplete = [c for c in classes if not isinstance(train_stats[c], dict) or not set(keys) <= set(train_stats[c])]
+    if incomplete:
+        raise ValueError(
+            f"--abnormality {abnormality} needs {', '.join(keys)} in {TRAIN_STATS} of class(es) {incomplete} under "
+            f"{prototype_dir}; re-fit ProtoFlow to write them: {COMMAND_HINT}")
 
 
 # --------------------------------------------------------------------------- all classes
@@ -583,7 +593,7 @@ def evaluate_checkpoint(args) -> dict:
     prior, prototypes, train_stats = load_prior(flow_path, args.prototype_dir, classes, device)
     prior.eval()
     if args.protocol == "strict":
-        check_train_stats(train_stats, classes, args.prototype_dir)
+        check_train_stats(train_stats, classes, args.prototype_dir, getattr(args, "abnormality", "authors"))
 
     tok_kind = args.tokenizer or ckpt_cfg.get("tokenizer") or "dall-e"
     tok_path = args.tokenizer_weight_path or ckpt_cfg.get("tokenizer_weight_path")

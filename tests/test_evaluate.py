@@ -161,6 +161,10 @@ def test_zscore_abnormality_is_strict_only_and_needs_mean_and_std(setup):
         ev.abnormality_maps(setup["inputs"].logp, "strict", setup["stats"][setup["cls"]], kind="minmax")
     with pytest.raises(ValueError, match="logp_mean and logp_std"):
         ev.abnormality_maps(setup["inputs"].logp, "strict", {"logp_max": 0.0}, kind="zscore")
+    # run_test checks the statistics files up front, naming the classes and the folder
+    ev.check_train_stats({"a": {"logp_max": 0.0}}, ["a"], "protos")
+    with pytest.raises(ValueError, match=r"logp_mean, logp_std in train_stats.json of class\(es\) \['a'\] under protos"):
+        ev.check_train_stats({"a": {"logp_max": 0.0}}, ["a"], "protos", "zscore")
 
 
 def test_paper_protocol_uses_labels_and_test_max(setup):
